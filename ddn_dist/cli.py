@@ -1,0 +1,58 @@
+"""The `ddn` console command.
+
+Each subcommand lives in its own module under `ddn_dist.commands` and exposes
+`register(subparsers)`, which adds its parser and sets `func` to a callable taking the parsed
+arguments and returning an exit status. Modules are imported only when their command runs, so
+`ddn info` does not pay for importing DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Subcommand name -> module under ddn_dist.commands, in the order `ddn --help` lists them.
+COMMANDS = {
+    "demo": "demo",
+    "info": "info",
+    "toy2d": "toy2d",
+    "prep": "prep",
+    "sample": "sample",
+    "encode": "codec",
+    "decode": "codec",
+    "guide": "guide",
+    "eval": "evaluate",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser; with `only`, import just that subcommand's module."""
+    parser = argparse.ArgumentParser(prog="ddn", description="Discrete Distribution Networks at scale")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = [COMMANDS[only]] if only in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
+        module = importlib.import_module(f"ddn_dist.commands.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `ddn` command line and return its exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    from ddn_dist.logs import setup_logging
+
+    setup_logging(args.log_level)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `ddn` console command, one module each."""

@@ -1,0 +1,1 @@
+"""Shard index, data preparation and the streaming loader."""
