@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Subcommand name -> module under ddn_dist.commands, in the order `ddn --help` lists them.
@@ -51,7 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as error:
+        # These carry messages written for the user (the bad value and the fix); a traceback would
+        # only bury them. DDN_TRACEBACK=1 shows it anyway.
+        if os.environ.get("DDN_TRACEBACK") == "1":
+            raise
+        logging.getLogger("ddn_dist").error("%s", error)
+        return 1
 
 
 if __name__ == "__main__":

@@ -133,3 +133,24 @@ def read_bytes(url: str, endpoint_url: str | None = None, start: int | None = No
     if start is None and end is None:
         return retry.call(lambda: fs.cat_file(path), f"read of {url}")
     return retry.call(lambda: fs.cat_file(path, start=start, end=end), f"read of {url} [{start}:{end})")
+
+
+class MissingCredentialsError(PermissionError):
+    """No S3 credentials were found in the environment or the AWS configuration."""
+
+
+def require_credentials(url: str) -> None:
+    """Raise MissingCredentialsError for an `s3://` URL when botocore finds no credentials.
+
+    botocore searches the usual chain: environment variables, AWS_PROFILE and the shared config
+    files, then container and instance metadata (unless AWS_EC2_METADATA_DISABLED=true).
+    """
+    if not url.startswith("s3://"):
+        return
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise MissingCredentialsError(
+            f"no S3 credentials found for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            f"(or AWS_PROFILE with ~/.aws/credentials)"
+        )

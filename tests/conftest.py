@@ -7,6 +7,8 @@ pytest_plugins = [
     "tests.fixtures.ceph",
     "tests.fixtures.slurm",
     "tests.fixtures.prometheus",
+    "tests.fixtures.trained",
+    "tests.fixtures.faulty_proxy",
 ]
 
 # One thread per process: the suite runs many small multi-process jobs on two cores.
