@@ -31,7 +31,8 @@ COMMANDS = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """Build the top-level parser; with `only`, import just that subcommand's module."""
     parser = argparse.ArgumentParser(prog="ddn", description="Discrete Distribution Networks at scale")
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="logging level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = [COMMANDS[only]] if only in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     for name in modules:
@@ -54,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as error:
-        # These carry messages written for the user (the bad value and the fix); a traceback would
-        # only bury them. DDN_TRACEBACK=1 shows it anyway.
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+            FileExistsError) as error:
+        # These carry messages written for the user (the bad value and the fix) or an OS error that
+        # names the path. A traceback would only bury them, but DDN_TRACEBACK=1 shows it anyway.
         if os.environ.get("DDN_TRACEBACK") == "1":
             raise
         logging.getLogger("ddn_dist").error("%s", error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -302,9 +303,10 @@ def _check_choice(value, choices, where: str) -> None:
 
 
 def _check_positive(value, where: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{where}={value!r} is invalid; it must be {bound}")
+        finite = " and finite" if isinstance(value, float) else ""
+        raise ConfigError(f"{where}={value!r} is invalid; it must be {bound}{finite}")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -367,7 +369,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from error
+        reason = describe_yaml_error(error)
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({reason})") from error
     return keys, value
 
 
@@ -399,6 +402,13 @@ def config_from_dict(raw: dict) -> TrainConfig:
     return cfg
 
 
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """Return the parser's problem and position on one line (str(error) spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML config, apply `section.key=value` overrides, validate, and return it."""
     raw: dict = {}
@@ -407,8 +417,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError as error:
             raise ConfigError(f"config file {path} was not found; see configs/ for presets") from error
+        except IsADirectoryError as error:
+            raise ConfigError(
+                f"config file {path} is a directory; pass a YAML file from configs/") from error
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+            raise ConfigError(
+                f"config file {path} is not valid YAML: {describe_yaml_error(error)}") from error
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(raw, keys, value)

@@ -122,7 +122,12 @@ def load_feature_extractor(
         return FeatureExtractor(network, "torchscript", name, device)
     if data[:2] != b"PK" and not base.endswith(".pth"):
         # NVIDIA's detector files (.pkl, and the older .pt) are plain pickles of the network.
-        network = pickle.loads(data)
+        try:
+            network = pickle.loads(data)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means a wrong or damaged file
+            raise InceptionWeightsError(
+                f"{path_or_url} is not a readable Inception weights file ({error!r}); {WEIGHTS_HELP}"
+            ) from error
         return FeatureExtractor(network, "torchscript", name, device)
     from ddn_dist.inception import InceptionV3Features
 
@@ -207,7 +212,12 @@ def load_stats(path: str) -> GaussianStats:
             f"reference statistics {path} not found; compute them with "
             f"`ddn eval ref SHARDS --out {path}`"
         ) from error
-    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+    try:
+        arrays = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as error:  # not .npy/.npz, or a damaged .npz
+        raise ValueError(f"{path} is not an FID statistics .npz file; compute one with "
+                         f"`ddn eval ref SHARDS --out {path}`") from error
+    with arrays:
         if "mu" not in arrays or "sigma" not in arrays:
             raise ValueError(
                 f"{path} has no 'mu' and 'sigma' arrays, so it is not an FID statistics file"

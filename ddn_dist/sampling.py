@@ -17,11 +17,12 @@ import json
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ddn_dist import storage
 
@@ -172,19 +173,30 @@ def load_codes(path: str, ks: list[int] | None = None) -> LatentCodes:
     if not os.path.exists(path):
         raise FileNotFoundError(f"latent code file {path} not found; write one with `ddn encode`")
     if path.endswith(".json"):
-        with open(path) as f:
-            document = json.load(f)
-        if document.get("format") != LATENT_FORMAT:
-            raise ValueError(
-                f"{path} is not a ddn latent code file (format={document.get('format')!r})"
-            )
-        ks_in_file = [int(k) for k in document["ks"]]
-        codes = torch.tensor(document["codes"], dtype=torch.long).reshape(-1, len(ks_in_file))
+        try:
+            with open(path) as f:
+                document = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"latent code file {path} is not valid JSON ({error})") from error
+        file_format = document.get("format") if isinstance(document, dict) else None
+        if file_format != LATENT_FORMAT:
+            raise ValueError(f"{path} is not a ddn latent code file (format={file_format!r})")
+        try:
+            ks_in_file = [int(k) for k in document["ks"]]
+            codes = torch.tensor(document["codes"], dtype=torch.long).reshape(-1, len(ks_in_file))
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:  # missing or mistyped fields
+            raise ValueError(f"latent code file {path} is malformed ({error!r}); write it again "
+                             f"with `ddn encode` or `ddn sample --codes`") from error
         latents = LatentCodes(codes, ks_in_file, list(document.get("names", [])))
     elif path.endswith(".npz"):
-        with np.load(path) as arrays:
-            latents = LatentCodes(torch.from_numpy(arrays["codes"].astype(np.int64)),
-                                  [int(k) for k in arrays["ks"]])
+        try:
+            with np.load(path) as arrays:
+                latents = LatentCodes(torch.from_numpy(arrays["codes"].astype(np.int64)),
+                                      [int(k) for k in arrays["ks"]])
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:  # not an npz, or no codes/ks
+            raise ValueError(f"latent code file {path} is not an .npz with `codes` and `ks` arrays "
+                             f"({error}); write it again with `ddn encode` or `ddn sample --codes`"
+                             ) from error
     elif path.endswith(".npy"):
         if ks is None:
             raise ValueError(
@@ -247,7 +259,11 @@ def load_image(path: str, channels: int, resolution: int | None = None) -> torch
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"image {path} not found")
-    with Image.open(path) as image:
+    try:
+        opened = Image.open(path)
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{path} is not an image that PIL can read; pass PNG or JPEG files") from error
+    with opened as image:
         image = image.convert("L" if channels == 1 else "RGB")
         pixels = np.asarray(image, dtype=np.float32)
     if pixels.ndim == 2:
@@ -264,7 +280,10 @@ def resolve_device(name: str | None) -> torch.device:
     """Return the requested device, or CUDA when available and CPU otherwise for None/"auto"."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"invalid --device {name!r}; pass cpu, cuda, cuda:N or auto") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {name!r} was requested but CUDA is not available; pass --device cpu"

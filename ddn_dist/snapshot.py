@@ -42,7 +42,13 @@ def read_snapshot_metadata(data: bytes, path: str = "snapshot") -> dict[str, str
     (header_length,) = struct.unpack("<Q", data[:8])
     if header_length > len(data) - 8:
         raise ValueError(f"{path} is truncated: its header claims {header_length} bytes")
-    header = json.loads(data[8 : 8 + header_length])
+    try:
+        header = json.loads(data[8 : 8 + header_length])
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is not a safetensors file: its header is not valid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
     return header.get("__metadata__", {}) or {}
 
 
@@ -56,8 +62,16 @@ def load_snapshot(
         raise ValueError(
             f"{path} has no {CONFIG_KEY!r} metadata; it was not written by ddn_dist.snapshot.save_snapshot"
         )
-    cfg = ModelConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-    meta = json.loads(metadata.get(META_KEY, "{}"))
+    try:
+        cfg = ModelConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        meta = json.loads(metadata.get(META_KEY, "{}"))
+    except ValueError as error:  # JSONDecodeError or an invalid model option
+        raise ValueError(
+            f"{path} has invalid {CONFIG_KEY!r} or {META_KEY!r} metadata: {error}") from error
     model = build_model(cfg)
-    model.load_state_dict(load_safetensors(data))
+    try:
+        model.load_state_dict(load_safetensors(data))
+    except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
+        message = " ".join(str(error).split())
+        raise ValueError(f"{path} does not match the model in its own metadata: {message}") from error
     return model.to(device).eval(), meta

@@ -101,7 +101,7 @@ class RetryPolicy:
 
 def write_bytes_atomic(url: str, data: bytes, endpoint_url: str | None = None,
                        retry: RetryPolicy | None = None) -> None:
-    """Write `data` so that `url` either does not exist or holds all of it.
+    """Write `data` so that `url` either does not exist or contains all of it.
 
     Local files are written to a temporary name in the same directory, fsynced and renamed. An S3
     PUT (or a completed multipart upload) is atomic by itself: the object appears only when whole.

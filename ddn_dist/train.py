@@ -21,7 +21,9 @@ import os
 import sys
 
 from ddn_dist.config import ConfigError, load_config, model_config
+from ddn_dist.data.index import IndexError_
 from ddn_dist.logs import setup_logging
+from ddn_dist.storage import MissingCredentialsError
 from ddn_dist.trainer.preemption import EXIT_CONFIG, EXIT_ERROR
 
 log = logging.getLogger("ddn_dist.train")
@@ -61,11 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     from ddn_dist.trainer.engine import init_distributed
     from ddn_dist.trainer.loop import NonFiniteError, Trainer
 
-    info = init_distributed(cfg.train.threads)
+    try:
+        info = init_distributed(cfg.train.threads)
+    except ConfigError as error:  # launcher variables such as MASTER_ADDR are missing
+        log.error("invalid configuration: %s", error)
+        return EXIT_CONFIG
     trainer = Trainer(cfg, info)
     try:
         trainer.setup()
         return trainer.run()
+    except ConfigError as error:  # the data set does not match the model section
+        log.error("invalid configuration: %s", error)
+        return EXIT_CONFIG
+    except (IndexError_, MissingCredentialsError) as error:  # data set or credentials missing
+        log.error("%s", error)
+        return EXIT_ERROR
     except NonFiniteError as error:
         log.error("%s", error)
         return EXIT_ERROR

@@ -155,8 +155,17 @@ def test_training_run_scraped_through_file_sd(prometheus_server, digits_shards, 
                                        timeout=DATA_TIMEOUT_SECONDS)
         assert missing == [], "queries without data:\n" + "\n".join(missing)
 
-        ranks = prometheus_server.query(f'count by (rank) (ddn_run_info{{run="{run}"}})')
-        assert sorted(r["metric"]["rank"] for r in ranks) == ["0", "1"]
+        # A scrape that times out while a rank is busy marks its series stale until the next one,
+        # so wait for a scrape round in which both ranks answered.
+        deadline = time.monotonic() + 60
+        while True:
+            ranks = prometheus_server.query(f'count by (rank) (ddn_run_info{{run="{run}"}})')
+            seen = sorted(r["metric"]["rank"] for r in ranks)
+            if seen == ["0", "1"] or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        up = prometheus_server.query(f'up{{run="{run}"}}')
+        assert seen == ["0", "1"], f"ranks with ddn_run_info: {seen}; up: {up}"
 
         # The injected non-finite steps fire the loss alert once Prometheus sees the count rise.
         alert = wait_for_alert(prometheus_server, "DDNLossNotFinite", job_id, "0", 120)

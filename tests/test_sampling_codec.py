@@ -176,18 +176,23 @@ def test_psnr_by_layers_last_matches_decode(trained_digits):
     assert curve[-1] == pytest.approx(float((-10 * torch.log10(mse)).mean()), abs=1e-3)
 
 
-def test_decode_rejects_wrong_code_file(trained_digits, tmp_path):
+def test_decode_rejects_wrong_code_file(trained_digits, tmp_path, capsys):
     path = str(tmp_path / "other.json")
     sampling.save_codes(path, sampling.LatentCodes(torch.zeros(1, 3, dtype=torch.long), [4, 4, 4]))
-    with pytest.raises(ValueError, match="K per layer"):
-        cli.main(["decode", trained_digits.snapshot, path, "--out", str(tmp_path / "x.png"),
-                  "--device", "cpu"])
+    status = cli.main(["decode", trained_digits.snapshot, path, "--out", str(tmp_path / "x.png"),
+                       "--device", "cpu"])
+    assert status == 1
+    assert "K per layer" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
-def test_missing_snapshot_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        cli.main(["sample", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "g.png"),
-                  "--device", "cpu"])
+def test_missing_snapshot_error(tmp_path, capsys):
+    missing = tmp_path / "none.safetensors"
+    status = cli.main(["sample", str(missing), "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert f"snapshot {missing} not found" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow

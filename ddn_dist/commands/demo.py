@@ -5,7 +5,7 @@
     ddn demo --kimg 50 --nproc 2 train.lr=0.002  # trailing key=value go to the trainer
 
 Steps: shard the 8x8 digits that ship with scikit-learn into WebDataset shards (skipped when the
-location already holds them), train with torchrun on `--nproc` CPU ranks with DeepSpeed ZeRO-2 from
+location already contains them), train with torchrun on `--nproc` CPU ranks with DeepSpeed ZeRO-2 from
 those shards, then load the inference snapshot, write a sample grid and a reconstruction grid, and
 print images/s, the final loss, where the files are and the digits quality figures.
 """

@@ -18,6 +18,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import math
 import os
 
 import torch
@@ -74,7 +75,13 @@ def import_plugin(name: str) -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name.split(".")[0] and error.name != name:
+                raise  # the plugin itself imports a missing module: show where
+            raise ValueError(f"scorer plugin module {name!r} not found; pass an importable module "
+                             f"name or the path of a .py file") from error
 
 
 def parse_task(text: str) -> tuple[str, float]:
@@ -83,11 +90,14 @@ def parse_task(text: str) -> tuple[str, float]:
     if not weight:
         return name, 1.0
     try:
-        return name, float(weight)
+        value = float(weight)
     except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
         raise ValueError(
-            f"invalid task weight in {text!r}; write NAME:WEIGHT such as sr:0.5"
-        ) from None
+            f"invalid task weight in {text!r}; write NAME:WEIGHT with a positive weight such as sr:0.5"
+        )
+    return name, value
 
 
 def load_mask(path: str, resolution: int) -> torch.Tensor:
@@ -116,6 +126,12 @@ def build_conditions(args: argparse.Namespace, model, tasks: list[tuple[str, flo
 
 def run(args: argparse.Namespace) -> int:
     """Generate guided samples, write the grid, and print each task's condition error."""
+    for option, value in (("--num", args.num), ("--bits", args.bits), ("--scale", args.scale),
+                          ("--scale-png", args.scale_png)):
+        if value < 1:
+            raise ValueError(f"invalid {option} {value}; pass 1 or more")
+    if not args.noise_std >= 0:
+        raise ValueError(f"invalid --noise-std {args.noise_std}; pass 0 or more")
     for plugin in args.plugin:
         import_plugin(plugin)
     tasks = [parse_task(text) for text in args.task]

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ddn_dist.config import describe_yaml_error
 from ddn_dist.model import DDN, ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,11 @@ def load_model_config(path: str) -> ModelConfig:
         document = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise SystemExit(f"config file {path} not found; pass a YAML file such as configs/digits.yaml")
+    except IsADirectoryError:
+        raise SystemExit(
+            f"config file {path} is a directory; pass a YAML file such as configs/digits.yaml")
+    except yaml.YAMLError as error:
+        raise SystemExit(f"config file {path} is not valid YAML: {describe_yaml_error(error)}")
     if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
         raise SystemExit(f"config file {path} has no `model:` mapping; see configs/digits.yaml")
     return ModelConfig.from_dict(document["model"])

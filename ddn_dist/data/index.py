@@ -81,6 +81,9 @@ class ShardIndex:
             raw = json.loads(text)
         except json.JSONDecodeError as error:
             raise IndexError_(f"shard index {where} is not valid JSON ({error}); rerun data prep") from error
+        if not isinstance(raw, dict):
+            raise IndexError_(
+                f"{where} is not a ddn shard index (a JSON {type(raw).__name__}, not an object)")
         if raw.get("format") != INDEX_FORMAT:
             raise IndexError_(f"{where} is not a ddn shard index (format={raw.get('format')!r})")
         if raw.get("version") != INDEX_VERSION:
@@ -88,10 +91,14 @@ class ShardIndex:
                 f"shard index {where} has version {raw.get('version')}, this ddn-dist reads version "
                 f"{INDEX_VERSION}; rerun data prep with this version"
             )
-        shards = [
-            ShardEntry(**{**s, "samples": [SampleEntry(**e) for e in s["samples"]]}) for s in raw["shards"]
-        ]
-        index = cls(dataset=DatasetInfo(**raw["dataset"]), shards=shards)
+        try:
+            shards = [
+                ShardEntry(**{**s, "samples": [SampleEntry(**e) for e in s["samples"]]}) for s in raw["shards"]
+            ]
+            index = cls(dataset=DatasetInfo(**raw["dataset"]), shards=shards)
+        except (KeyError, TypeError) as error:  # a missing, unexpected or mistyped field
+            raise IndexError_(
+                f"shard index {where} is malformed ({error!r}); rerun data prep") from error
         index.validate(where)
         return index
 
@@ -138,6 +145,8 @@ def load_index(location: str, endpoint_url: str | None = None) -> ShardIndex:
             f"no shard index at {url}: the data set is missing or its preparation did not finish; "
             f"run `ddn prep ... --out {storage.dirname_url(url) if url.endswith('.json') else location}`"
         ) from error
+    except UnicodeDecodeError as error:
+        raise IndexError_(f"shard index {url} is not UTF-8 text ({error}); rerun data prep") from error
     return ShardIndex.from_json(text, url)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ddn_dist.checkpoint import CheckpointManager
-from ddn_dist.config import TrainConfig, model_config
+from ddn_dist.config import ConfigError, TrainConfig, model_config
 from ddn_dist.data.loader import LoaderConfig, StreamingLoader
 from ddn_dist.model import SplitPrune, build_model
 from ddn_dist.trainer import engine as engine_setup
@@ -129,7 +129,7 @@ class Trainer:
         facts = self.loader.index.dataset
         want = (self.model_cfg.image_channels, self.model_cfg.resolution)
         if (facts.channels, facts.resolution) != want:
-            raise ValueError(
+            raise ConfigError(
                 f"data set {self.cfg.data.data} holds {facts.channels}-channel {facts.resolution}x"
                 f"{facts.resolution} images but model needs {want[0]}-channel {want[1]}x{want[1]}; "
                 f"set model.image_channels / model.resolution or point data.data at other shards")

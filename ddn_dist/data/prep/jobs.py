@@ -78,6 +78,21 @@ class PrepOptions:
 
     def validate(self) -> None:
         """Raise PrepError naming the first invalid option and its valid range."""
+        scheme = self.out.split("://", 1)[0] if "://" in self.out else "file"
+        if not self.out or scheme not in ("file", "s3"):
+            # An empty --out would write into the working directory.
+            raise PrepError(f"invalid --out {self.out!r}; pass a directory path, a file:// URL "
+                            f"or s3://bucket/prefix")
+        if scheme == "s3" and not self.out[len("s3://"):].split("/", 1)[0]:
+            raise PrepError(f"invalid --out {self.out!r}: the bucket name is missing; "
+                            f"pass s3://bucket/prefix")
+        if scheme == "file":
+            path = os.path.abspath(self.out.removeprefix("file://"))
+            while not os.path.exists(path) and path != os.path.dirname(path):
+                path = os.path.dirname(path)
+            if not os.path.isdir(path):
+                raise PrepError(f"invalid --out {self.out!r}: {path} is a file, not a directory; "
+                                f"pass a directory path")
         if self.shard_samples < 1:
             raise PrepError(f"invalid --shard-samples {self.shard_samples}; pass 1 or more images")
         if self.shard_bytes is not None and self.shard_bytes < 1:

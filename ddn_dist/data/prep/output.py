@@ -142,6 +142,7 @@ def merge_index(out: str, endpoint_url: str | None = None) -> str:
 
     Raise PrepError naming the missing parts when no complete set of manifests exists.
     """
+    storage.require_credentials(out)
     job = read_json(storage.join_url(out, f"{PREP_DIR}/{JOB_FILE}"), endpoint_url)
     if job is None:
         raise PrepError(

@@ -190,7 +190,7 @@ class ZipSource(_LabelledFiles):
 
     def __init__(self, path: str, name: str | None = None):
         if not os.path.isfile(path):
-            raise SourceError(f"input zip {path} does not exist")
+            raise SourceError(f"input zip {path} does not exist or is not a file")
         super().__init__(name or os.path.splitext(os.path.basename(path))[0])
         self.path = path
         self._zip: zipfile.ZipFile | None = None
@@ -267,7 +267,8 @@ class Cifar10Source(_ArraySource):
             )
         if not os.path.isfile(path):
             raise SourceError(
-                f"CIFAR-10 tarball {path} does not exist; download cifar-10-python.tar.gz"
+                f"CIFAR-10 tarball {path} does not exist or is not a file; "
+                f"download cifar-10-python.tar.gz"
             )
         batches = {
             "train": [f"data_batch_{n}" for n in range(1, 6)],
@@ -293,7 +294,9 @@ class Cifar10Source(_ArraySource):
                     images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
                     labels.append(np.asarray(raw[b"labels"], dtype=np.int64))
         except (tarfile.TarError, EOFError, pickle.UnpicklingError, KeyError, OSError) as error:
-            raise SourceError(f"cannot read CIFAR-10 tarball {path}: {error}") from error
+            # tarfile lists the failure of each compression method on its own line; join them.
+            reason = " ".join(str(error).split())
+            raise SourceError(f"cannot read CIFAR-10 tarball {path}: {reason}") from error
         super().__init__(name or f"cifar10-{split}", np.concatenate(images), np.concatenate(labels))
         self.path = path
 
@@ -364,6 +367,10 @@ def resolve_format(
         )
     if resolution is not None and resolution < 1:
         raise SourceError(f"invalid resolution {resolution}; pass a positive side length in pixels")
+    if resolution is not None and Image.MAX_IMAGE_PIXELS and resolution**2 > Image.MAX_IMAGE_PIXELS:
+        # Every worker would allocate the full-size resized image before it fails or is killed.
+        raise SourceError(f"invalid resolution {resolution}; it exceeds PIL's limit of "
+                          f"{Image.MAX_IMAGE_PIXELS:,} pixels per image (Image.MAX_IMAGE_PIXELS)")
     for i in order:
         try:
             first = source.read(i)
