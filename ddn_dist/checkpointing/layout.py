@@ -14,8 +14,9 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
+
+from ddn_dist import storage
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +87,9 @@ def fsync_path(path: str) -> None:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a flushed temporary file and a rename."""
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_path(directory)
+    """Write `text` to `path` through a flushed temporary file and a rename, then fsync the folder."""
+    storage.write_bytes_atomic(path, text.encode("utf-8"))
+    fsync_path(os.path.dirname(path))
 
 
 def write_marker(directory: str, marker: CompleteMarker) -> None:
