@@ -123,6 +123,28 @@ def test_resume_other_worker_count_is_exact(uneven_shards):
     second.close()
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_same_layout_repeats_batches(uneven_shards, num_workers):
+    config = LoaderConfig(uneven_shards, batch_size=20, num_workers=num_workers, seed=4)
+    uninterrupted = StreamingLoader(config)
+    _, expected = consume(uninterrupted)
+    uninterrupted.close()
+
+    first = StreamingLoader(config)
+    consume(first, max_batches=11)
+    state = first.state_dict()
+    first.close()
+    resumed = StreamingLoader(config)
+    resumed.load_state_dict(state)
+    assert resumed.batches_remaining() == len(expected) - 11
+    _, after = consume(resumed)
+    resumed.close()
+
+    assert [batch.keys for batch in after] == [batch.keys for batch in expected[11:]]
+    for got, want in zip(after, expected[11:]):
+        assert torch.equal(got.images, want.images)
+
+
 def test_resume_reads_only_unconsumed_bytes(uneven_shards):
     index = load_index(uneven_shards)
     config = LoaderConfig(uneven_shards, batch_size=25, num_workers=0, seed=2, remainder="pad")

@@ -61,21 +61,22 @@ def test_zero_stage_trains(tmp_path, digits_shards, stage, precision):
     assert CheckpointManager(str(run_dir)).latest_tag() == "step00000020"
 
 
-def test_resume_matches_uninterrupted(tmp_path, digits_shards):
+@pytest.mark.parametrize("stop_step", [7, 4])
+def test_resume_matches_uninterrupted(tmp_path, digits_shards, stop_step):
     # 7 steps of 256 images use up epoch 0: 1,792 of 1,797 images, because the partial round is
-    # dropped. So the resumed run starts epoch 1 exactly where the uninterrupted run does. Model, Adam,
-    # S&P statistics, learning rate and the chain-dropout random streams must then continue
-    # bit for bit.
+    # dropped. A stop at step 7 resumes at the start of epoch 1, a stop at step 4 in the middle of
+    # epoch 0, where the loader continues the interrupted pass batch for batch. Model, Adam, S&P
+    # statistics, learning rate and the chain-dropout random streams must continue bit for bit.
     sections = {"train": {"batch": 256, "duration_kimg": 2.56, "tick_kimg": 0.256,
                           "snapshot_kimg": 0, "checkpoint_kimg": 0},
                 "deepspeed": {"micro_batch": 128}}
     straight, _ = _train_ok(tmp_path, digits_shards, "straight", **sections)
-    staged, first = _train_ok(tmp_path, digits_shards, "staged", ["train.stop_at_step=7"],
-                              **sections)
-    assert "stopped at step 7" in first.stderr
-    assert CheckpointManager(str(staged)).latest_tag() == "step00000007"
+    staged, first = _train_ok(tmp_path, digits_shards, "staged",
+                              [f"train.stop_at_step={stop_step}"], **sections)
+    assert f"stopped at step {stop_step}" in first.stderr
+    assert CheckpointManager(str(staged)).latest_tag() == f"step{stop_step:08d}"
     _, second = _train_ok(tmp_path, digits_shards, "staged", **sections)
-    assert "resumed at step 7" in second.stderr
+    assert f"resumed at step {stop_step}" in second.stderr
 
     expected = [(r["step"], r["loss"], r["group_losses"]) for r in read_stats(straight)]
     resumed = [(r["step"], r["loss"], r["group_losses"]) for r in read_stats(staged)]

@@ -211,17 +211,29 @@ class StreamingLoader:
             write_spec(self._spec_path, spec)
             source = iter(self._get_dataloader())
         expected = spec.first_batch
+        # Batch b comes from worker b % num_workers, but DataLoader asks the workers in turn from
+        # worker 0, so a pass resumed at an odd batch arrives pairwise swapped: hold a batch back
+        # until the ones before it have been yielded (at most one per worker waits).
+        pending: dict[int, Batch] = {}
         for batch in source:
-            if batch.pass_id != spec.pass_id or batch.index != expected:
+            if batch.pass_id != spec.pass_id or batch.index < expected or batch.index in pending:
                 raise RuntimeError(
                     f"loader worker returned batch {batch.index} of pass "
                     f"{batch.pass_id}, expected batch {expected} of pass {spec.pass_id}"
                 )
-            expected += 1
-            self._read.add(batch.counters)
-            if self.cfg.num_workers == 0 and self.cfg.pin_memory and torch.cuda.is_available():
-                batch = batch.pin_memory()
-            yield batch
+            pending[batch.index] = batch
+            while expected in pending:
+                batch = pending.pop(expected)
+                expected += 1
+                self._read.add(batch.counters)
+                if self.cfg.num_workers == 0 and self.cfg.pin_memory and torch.cuda.is_available():
+                    batch = batch.pin_memory()
+                yield batch
+        if pending:
+            raise RuntimeError(
+                f"loader workers skipped batch {expected} of pass {spec.pass_id} "
+                f"but returned batches {sorted(pending)}"
+            )
         if expected != self._pass.num_batches:
             raise RuntimeError(
                 f"rank {self.rank} got {expected} batches of epoch {self.epoch}, "
@@ -298,7 +310,7 @@ class StreamingLoader:
         epoch = self.epoch
         if self._pass is not None and self._pass.finished:
             epoch, consumed = epoch + 1, IntervalSet()
-        return {
+        state = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "seed": self.cfg.seed,
@@ -306,6 +318,26 @@ class StreamingLoader:
             "num_samples": self.index.num_samples,
             "index_fingerprint": self._fingerprint,
             "consumed": [list(interval) for interval in consumed.intervals()],
+        }
+        if self._pass is not None and not self._pass.finished:
+            # Optional: lets a resume with the same layout settings continue this pass batch for
+            # batch; a resume with other settings ignores it and lays out the rest afresh.
+            state["pass"] = {
+                "layout": self._layout_settings(),
+                "remaining": [list(interval) for interval in self._pass.remaining],
+                "next_batch": self._pass.next_batch,
+            }
+        return state
+
+    def _layout_settings(self) -> dict:
+        """Return the settings that decide how a pass is dealt to ranks, workers and batches."""
+        return {
+            "world_size": self.world_size,
+            "num_workers": self.cfg.num_workers,
+            "batch_size": self.cfg.batch_size,
+            "remainder": self.cfg.remainder,
+            "max_run_length": self.cfg.max_run_length,
+            "open_runs": self.cfg.open_runs,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -341,6 +373,15 @@ class StreamingLoader:
         self._base = consumed
         self._local = IntervalSet()
         self._pass = None
+        saved_pass = state.get("pass")
+        if saved_pass is not None and saved_pass["layout"] == self._layout_settings():
+            # Same layout settings: rebuild the interrupted pass and continue at its next batch,
+            # so every rank sees the same batches, in the same order, as without the interruption.
+            remaining = [tuple(pair) for pair in saved_pass["remaining"]]
+            num_batches = count_batches(
+                len(IntervalSet(remaining)), self.world_size, self.cfg.batch_size, self.cfg.remainder
+            )
+            self._pass = _Pass(self._pass_counter, remaining, num_batches, int(saved_pass["next_batch"]))
 
     def counters(self) -> dict[str, int]:
         """Return this rank's storage, skip, padding, drop and consumption counters."""
