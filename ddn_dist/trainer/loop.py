@@ -91,7 +91,11 @@ class Trainer:
         self.precision = engine_setup.precision_of(ds_config)
         self.engine = engine_setup.build_engine(model, ds_config)
         warmup_samples = int(cfg.train.sp_warmup_kimg * 1000)
-        self.sp = SplitPrune(self.engine.module, warmup_samples=warmup_samples)
+        # The compact layout all-reduces each step's (winner, runner-up) pairs instead of K x K
+        # runner-up matrices: 2.7 MiB instead of 159 MiB per step for the FFHQ preset on 64 ranks.
+        self.sp = SplitPrune(self.engine.module, warmup_samples=warmup_samples,
+                             max_samples_per_step=self.micro_batch * self.grad_accum,
+                             rank=info.rank, world_size=info.world_size)
         self.ema = None
         if cfg.train.ema_halflife_kimg > 0:
             self.ema = WeightEMA(self.engine.module, self.stage)
