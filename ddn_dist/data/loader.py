@@ -211,9 +211,9 @@ class StreamingLoader:
             write_spec(self._spec_path, spec)
             source = iter(self._get_dataloader())
         expected = spec.first_batch
-        # Batch b comes from worker b % num_workers, but DataLoader asks the workers in turn from
-        # worker 0, so a pass resumed at an odd batch arrives pairwise swapped: hold a batch back
-        # until the ones before it have been yielded (at most one per worker waits).
+        # Batch b comes from worker b % num_workers, but DataLoader requests batches from the
+        # workers in turn starting at worker 0. A pass resumed at an odd batch therefore arrives
+        # pairwise swapped, so a batch waits here until the ones before it have been yielded.
         pending: dict[int, Batch] = {}
         for batch in source:
             if batch.pass_id != spec.pass_id or batch.index < expected or batch.index in pending:
@@ -320,8 +320,8 @@ class StreamingLoader:
             "consumed": [list(interval) for interval in consumed.intervals()],
         }
         if self._pass is not None and not self._pass.finished:
-            # Optional: lets a resume with the same layout settings continue this pass batch for
-            # batch; a resume with other settings ignores it and lays out the rest afresh.
+            # Optional. A resume with the same layout settings continues this pass batch for batch,
+            # and a resume with other settings ignores it and lays out the rest afresh.
             state["pass"] = {
                 "layout": self._layout_settings(),
                 "remaining": [list(interval) for interval in self._pass.remaining],
@@ -375,8 +375,8 @@ class StreamingLoader:
         self._pass = None
         saved_pass = state.get("pass")
         if saved_pass is not None and saved_pass["layout"] == self._layout_settings():
-            # Same layout settings: rebuild the interrupted pass and continue at its next batch,
-            # so every rank sees the same batches, in the same order, as without the interruption.
+            # Same layout settings: rebuild the interrupted pass and continue at its next batch, so
+            # every rank gets the same batches, in the same order, as without the interruption.
             remaining = [tuple(pair) for pair in saved_pass["remaining"]]
             num_batches = count_batches(
                 len(IntervalSet(remaining)), self.world_size, self.cfg.batch_size, self.cfg.remainder
