@@ -430,7 +430,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 
 def model_config(cfg: TrainConfig):
-    """Return the model engineer's ModelConfig for the `model:` section (validated there)."""
+    """Return the ModelConfig of the `model:` section (ModelConfig.from_dict validates it)."""
     from ddn_dist.model import ModelConfig
 
     try:
