@@ -156,7 +156,7 @@ def test_training_run_scraped_through_file_sd(prometheus_server, digits_shards, 
         assert missing == [], "queries without data:\n" + "\n".join(missing)
 
         # A scrape that times out while a rank is busy marks its series stale until the next one,
-        # so wait for a scrape round in which both ranks answered.
+        # so wait for a scrape round in which both ranks responded.
         deadline = time.monotonic() + 60
         while True:
             ranks = prometheus_server.query(f'count by (rank) (ddn_run_info{{run="{run}"}})')
@@ -167,7 +167,7 @@ def test_training_run_scraped_through_file_sd(prometheus_server, digits_shards, 
         up = prometheus_server.query(f'up{{run="{run}"}}')
         assert seen == ["0", "1"], f"ranks with ddn_run_info: {seen}; up: {up}"
 
-        # The injected non-finite steps fire the loss alert once Prometheus sees the count rise.
+        # The injected non-finite steps fire the loss alert once Prometheus scrapes the higher count.
         alert = wait_for_alert(prometheus_server, "DDNLossNotFinite", job_id, "0", 120)
         assert alert is not None, "DDNLossNotFinite did not fire for the injected NaN losses"
 

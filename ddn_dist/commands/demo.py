@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     """Shard, train, evaluate and print the summary; return 0 once training has succeeded.
 
     The quality verdict is printed, not turned into the exit status, because a run that trained
-    and wrote its files has done its job; `ddn eval digits SNAPSHOT` exits 1 when the targets fail.
+    and wrote its files has done its job. `ddn eval digits SNAPSHOT` exits 1 when the targets fail.
     """
     from ddn_dist.quality import digits_quality
     from ddn_dist.sampling import load_model

@@ -306,7 +306,7 @@ class ShardReader:
         return results
 
     def decode(self, data: bytes, key: str, url: str) -> Sample | CorruptSample:
-        """Parse one sample's tar members and decode its PNG (and class); never raises."""
+        """Parse one sample's tar members and decode its PNG and class, or return a CorruptSample."""
         try:
             members = {}
             for member in tar_file_iterator(io.BytesIO(data)):

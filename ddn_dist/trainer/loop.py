@@ -134,7 +134,7 @@ class Trainer:
         want = (self.model_cfg.image_channels, self.model_cfg.resolution)
         if (facts.channels, facts.resolution) != want:
             raise ConfigError(
-                f"data set {self.cfg.data.data} holds {facts.channels}-channel {facts.resolution}x"
+                f"data set {self.cfg.data.data} contains {facts.channels}-channel {facts.resolution}x"
                 f"{facts.resolution} images but model needs {want[0]}-channel {want[1]}x{want[1]}; "
                 f"set model.image_channels / model.resolution or point data.data at other shards")
 
