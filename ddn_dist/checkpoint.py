@@ -202,12 +202,25 @@ class CheckpointManager:
             load_tag = universal_tag(marker.tag)
 
         started = time.monotonic()
-        load_path, state = engine.load_checkpoint(
-            self.checkpoint_dir,
-            tag=load_tag,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        try:
+            load_path, state = engine.load_checkpoint(
+                self.checkpoint_dir,
+                tag=load_tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+        except RuntimeError as error:
+            mismatch = _state_dict_mismatch(str(error))
+            if mismatch is None:
+                raise
+            from ddn_dist.config import ConfigError
+
+            raise ConfigError(
+                f"checkpoint {marker.tag} in {self.checkpoint_dir} belongs to a model of another "
+                f"shape ({mismatch}), so the model section differs from the one the run started "
+                f"with (its config.yaml is next to checkpoints/). Resume with that model section, "
+                f"or start a new run in another directory (train.run_dir=...)"
+            ) from error
         if load_path is None or state is None:
             raise RuntimeError(
                 f"DeepSpeed could not load checkpoint {self.checkpoint_dir}/{load_tag}"
@@ -432,3 +445,12 @@ def _fsync_my_share(tag_dir: str) -> None:
     for name in names[rank::world_size]:
         fsync_path(os.path.join(tag_dir, name))
     fsync_path(tag_dir)
+
+
+def _state_dict_mismatch(message: str) -> str | None:
+    """Return the first line of a torch state-dict shape or key mismatch error, else None."""
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith(("size mismatch", "Missing key(s)", "Unexpected key(s)")):
+            return line.rstrip(".")
+    return None

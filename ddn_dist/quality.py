@@ -182,7 +182,7 @@ class DigitsQuality:
         )
 
 
-def digits_quality(model, num_samples: int = 1000, seed: int = 0, batch_size: int = 256,
+def digits_quality(model, num_samples: int = 2000, seed: int = 0, batch_size: int = 256,
                    measure_psnr: bool = True) -> DigitsQuality:
     """Measure the digits quality figures of `model` on `num_samples` samples (seeds seed ..).
 

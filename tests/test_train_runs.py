@@ -11,11 +11,13 @@ import time
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ddn_dist.checkpoint import CheckpointManager
 from ddn_dist.data.audit import read_audit
 from ddn_dist.snapshot import load_snapshot
+from ddn_dist.trainer.preemption import EXIT_CONFIG
 from tests.train_helpers import (REPO, output_of, read_stats, run_train, torchrun_command,
                                  train_env, write_config)
 
@@ -122,6 +124,27 @@ def test_elastic_resume_consumes_each_sample_once(tmp_path, digits_shards):
         assert any(r.epoch == 1 for r in after)
         stats = read_stats(resumed_dir)
         assert stats[-1]["step"] == 40
+
+
+def test_resume_of_other_model_rejected(tmp_path, digits_shards):
+    run_dir, _ = _train_ok(tmp_path, digits_shards, "reshape", ["train.stop_at_step=2"])
+    tag = CheckpointManager(str(run_dir)).latest_tag()
+    with open(run_dir / "config.yaml") as handle:
+        started_with = yaml.safe_load(handle)
+    assert started_with["model"]["max_k"] == 8
+
+    config = write_config(tmp_path / "reshape-k4.yaml", digits_shards, str(run_dir))
+    proc = run_train(config, overrides=["model.max_k=4"])
+    assert proc.returncode != 0, output_of(proc)
+    assert f"exitcode  : {EXIT_CONFIG}" in proc.stderr, output_of(proc)
+    assert f"checkpoint {tag} in {run_dir / 'checkpoints'} belongs to a model of another shape" in proc.stderr
+    assert "size mismatch for ddls.0.weight" in proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr
+    assert "RuntimeError" not in proc.stderr
+    # The run is left as it was: its checkpoint and the config it started with.
+    assert CheckpointManager(str(run_dir)).latest_tag() == tag
+    with open(run_dir / "config.yaml") as handle:
+        assert yaml.safe_load(handle) == started_with
 
 
 def test_preemption_saves_and_requeues(tmp_path, digits_shards):

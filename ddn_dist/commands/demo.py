@@ -38,8 +38,8 @@ def register(subparsers) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="CPU ranks for torchrun (default 2)")
     parser.add_argument("--kimg", type=float, default=None,
                         help="training length in thousands of images (default: the config's)")
-    parser.add_argument("--num-samples", type=int, default=1000,
-                        help="samples drawn for the quality figures (default 1000)")
+    parser.add_argument("--num-samples", type=int, default=2000,
+                        help="samples drawn for the quality figures (default 2000)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra trainer config overrides")
     parser.set_defaults(func=run)
 
@@ -80,6 +80,39 @@ def train(args: argparse.Namespace, data: str, run_dir: str) -> float:
         raise SystemExit(f"training failed with exit status {result.returncode}; the log above names the "
                          f"failing rank. Rerun the same command to resume from the last checkpoint.")
     return time.monotonic() - started
+
+
+def check_run_dir_model(args: argparse.Namespace, run_dir: str) -> None:
+    """Reject a run directory whose checkpoints belong to another model.
+
+    The demo resumes from the run's last checkpoint, which only fits the model it was trained
+    with. An earlier demo with other model options would otherwise fail inside DeepSpeed.
+    """
+    import yaml
+
+    from ddn_dist.config import load_config, model_config
+    from ddn_dist.model import ModelConfig
+
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if not (os.path.exists(saved_path) and os.path.isdir(os.path.join(run_dir, "checkpoints"))):
+        return
+    with open(saved_path) as f:
+        saved = (yaml.safe_load(f) or {}).get("model") or {}
+    model_overrides = [item for item in args.overrides if item.startswith("model.")]
+    requested = model_config(load_config(args.config, model_overrides)).to_dict()
+    try:
+        previous = ModelConfig.from_dict(saved).to_dict()  # fills the defaults the file left out
+    except ValueError:
+        previous = saved
+    changed = sorted(key for key in set(requested) | set(previous)
+                     if requested.get(key) != previous.get(key))
+    if changed:
+        details = ", ".join(f"model.{key} {previous.get(key)!r} -> {requested.get(key)!r}"
+                            for key in changed)
+        raise SystemExit(
+            f"{run_dir} contains checkpoints of another model ({details}), which cannot be "
+            f"resumed with this one. Delete {run_dir} or pass another --out folder"
+        )
 
 
 def last_stats(run_dir: str) -> dict:
@@ -130,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     data = args.data or os.path.join(args.out, "digits")
     run_dir = os.path.join(args.out, "run")
+    check_run_dir_model(args, run_dir)
     ensure_shards(data, args.endpoint_url)
     seconds = train(args, data, run_dir)
 

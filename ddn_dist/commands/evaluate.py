@@ -69,7 +69,7 @@ def register(subparsers) -> None:
         description="Classifier-confident share of samples vs real held-out digits (target "
         ">= 90 %), per-class shares (target 4 %-25 %), and reconstruction PSNR by layers used.")
     digits_parser.add_argument("snapshot", help="inference snapshot of an 8x8 digits model")
-    digits_parser.add_argument("--num", "--num-images", dest="num", type=int, default=1000,
+    digits_parser.add_argument("--num", "--num-images", dest="num", type=int, default=2000,
                                help="number of samples")
     digits_parser.add_argument("--seed", type=int, default=0,
                                help="first sample seed and classifier split seed")

@@ -70,9 +70,6 @@ class Trainer:
         """Create everything, then resume from the latest checkpoint if there is one."""
         cfg, info = self.cfg, self.info
         os.makedirs(self.run_dir, exist_ok=True)
-        if self.is_rank0:
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as handle:
-                handle.write(cfg.to_yaml())
 
         torch.manual_seed(cfg.train.seed)
         model = build_model(self.model_cfg).to(info.device)
@@ -118,6 +115,10 @@ class Trainer:
             self.metrics.restarted()
             log.info("resumed at step %d, %.2f kimg, at world size %d", self.progress.step,
                      self.progress.kimg, info.world_size)
+        if self.is_rank0:
+            # Written after the checkpoint loads, so a rejected resume keeps the run's config.yaml.
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as handle:
+                handle.write(cfg.to_yaml())
         self.stats = StatsWriter(self.run_dir, self.is_rank0)
         self.preemption.install()
 
