@@ -63,6 +63,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         logging.getLogger("ddn_dist").error("%s", error)
         return 1
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Shut down the process group a command joined under torchrun or accelerate launch.
+
+    A gloo group left for interpreter exit can abort the process ("terminate called without an
+    active exception") after the command has finished.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

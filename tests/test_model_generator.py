@@ -72,10 +72,10 @@ def test_digits_capacity_and_bits():
     with torch.device("meta"):
         model = build_model(cfg)
     assert model.num_layers == 15
-    assert model.ks == [64] * 15
-    assert model.num_outputs == 64**15
-    assert model.latent_bits == pytest.approx(15 * 6)
-    assert parameters(cfg) == expected_parameters(8, 1, 8, 64, max_channels=cfg.max_channels)
+    assert model.ks == [4] * 15
+    assert model.num_outputs == 4**15
+    assert model.latent_bits == pytest.approx(15 * 2)
+    assert parameters(cfg) == expected_parameters(8, 1, 8, 4, max_channels=cfg.max_channels)
 
 
 def small_model(**options):
