@@ -8,6 +8,7 @@ scikit-learn directly and the shares are counted from its probabilities.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -146,3 +147,30 @@ def test_demo_shards_to_s3_and_trains_from_there(tmp_path, s3_env):
                  f"(model.max_k {preset_k} -> {other_k})")
     assert rejection in proc.stderr, proc.stderr
     assert "training:" not in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["other_k", "same_model", "unparsable", "no_model_section"])
+def test_run_dir_model_check(tmp_path, case):
+    from ddn_dist.commands.demo import DEFAULT_CONFIG, check_run_dir_model
+
+    with open(DEFAULT_CONFIG) as f:
+        preset = yaml.safe_load(f)["model"]
+    other_k = 2 * preset["max_k"]
+    saved = {
+        "other_k": yaml.safe_dump({"model": {**preset, "max_k": other_k}}),
+        "same_model": yaml.safe_dump({"model": preset}),
+        "unparsable": "model: [unclosed",
+        "no_model_section": yaml.safe_dump({"train": {"batch": 64}}),
+    }[case]
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(saved)
+    args = argparse.Namespace(config=DEFAULT_CONFIG, overrides=[])
+
+    if case != "other_k":  # resumable, or left to the trainer's own checkpoint check
+        check_run_dir_model(args, str(run_dir))
+        return
+    with pytest.raises(SystemExit) as raised:
+        check_run_dir_model(args, str(run_dir))
+    assert f"model.max_k {other_k} -> {preset['max_k']}" in str(raised.value)
+    assert f"Delete {run_dir}" in str(raised.value)

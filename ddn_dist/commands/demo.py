@@ -96,8 +96,17 @@ def check_run_dir_model(args: argparse.Namespace, run_dir: str) -> None:
     saved_path = os.path.join(run_dir, "config.yaml")
     if not (os.path.exists(saved_path) and os.path.isdir(os.path.join(run_dir, "checkpoints"))):
         return
-    with open(saved_path) as f:
-        saved = (yaml.safe_load(f) or {}).get("model") or {}
+    try:
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as error:
+        log.warning("failed to parse %s (%s); the trainer checks the checkpoint instead",
+                    saved_path, error)
+        return
+    saved = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+        log.warning("%s has no model section; the trainer checks the checkpoint instead", saved_path)
+        return
     model_overrides = [item for item in args.overrides if item.startswith("model.")]
     requested = model_config(load_config(args.config, model_overrides)).to_dict()
     try:
