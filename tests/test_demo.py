@@ -1,9 +1,9 @@
 """The quick start as a new user runs it: `ddn demo` shards, trains on 2 ranks and meets the targets.
 
-The first test runs the README's demo with its defaults (digits preset, 2 CPU ranks, ZeRO-2, the
-preset's full training length, about three minutes on two cores) and checks the summary it prints
-against figures recomputed here from the files it wrote: the classifier is refitted with
-scikit-learn directly and the shares are counted from its probabilities.
+The first test runs the README's demo with its defaults: the digits preset, 2 CPU ranks, ZeRO-2
+and the preset's full training length, about three minutes on two cores. It checks the printed
+summary against figures recomputed here from the files the demo wrote. The classifier is refitted
+with scikit-learn directly, and the shares are counted from its probabilities.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def refit_classifier():
     return LogisticRegression(max_iter=5000).fit(train_x, train_y), test_x
 
 
-def test_demo_trains_and_meets_quality_targets(tmp_path):
+def test_demo_meets_quality_targets(tmp_path):
     out = tmp_path / "demo"
     proc = run_demo("--out", str(out))
     printed = proc.stdout + proc.stderr
@@ -117,7 +117,7 @@ def test_demo_trains_and_meets_quality_targets(tmp_path):
 
 
 @pytest.mark.ceph
-def test_demo_shards_to_s3_and_trains_from_there(tmp_path, s3_env):
+def test_demo_with_s3_shards(tmp_path, s3_env):
     bucket = s3_env.make_bucket("demo")
     data = f"s3://{bucket}/digits"
     out = tmp_path / "demo"
@@ -143,13 +143,14 @@ def test_demo_shards_to_s3_and_trains_from_there(tmp_path, s3_env):
     proc = run_demo("--out", str(out), "--data", data, "--endpoint-url", s3_env.endpoint_url,
                     "--kimg", "2", f"model.max_k={other_k}")
     assert proc.returncode == 1
-    rejection = (f"{out / 'run'} contains checkpoints of another model "
+    rejection = (f"{out / 'run'} contains checkpoints of a model of another shape "
                  f"(model.max_k {preset_k} -> {other_k})")
     assert rejection in proc.stderr, proc.stderr
     assert "training:" not in proc.stdout
 
 
-@pytest.mark.parametrize("case", ["other_k", "same_model", "unparsable", "no_model_section"])
+@pytest.mark.parametrize("case", ["other_k", "same_model", "other_chain_dropout", "unparsable",
+                                  "no_model_section"])
 def test_run_dir_model_check(tmp_path, case):
     from ddn_dist.commands.demo import DEFAULT_CONFIG, check_run_dir_model
 
@@ -159,6 +160,7 @@ def test_run_dir_model_check(tmp_path, case):
     saved = {
         "other_k": yaml.safe_dump({"model": {**preset, "max_k": other_k}}),
         "same_model": yaml.safe_dump({"model": preset}),
+        "other_chain_dropout": yaml.safe_dump({"model": {**preset, "chain_dropout": 0.5}}),
         "unparsable": "model: [unclosed",
         "no_model_section": yaml.safe_dump({"train": {"batch": 64}}),
     }[case]
@@ -167,7 +169,7 @@ def test_run_dir_model_check(tmp_path, case):
     (run_dir / "config.yaml").write_text(saved)
     args = argparse.Namespace(config=DEFAULT_CONFIG, overrides=[])
 
-    if case != "other_k":  # resumable, or left to the trainer's own checkpoint check
+    if case != "other_k":  # same shapes, or left to the trainer's own checkpoint check
         check_run_dir_model(args, str(run_dir))
         return
     with pytest.raises(SystemExit) as raised:

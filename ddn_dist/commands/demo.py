@@ -82,11 +82,22 @@ def train(args: argparse.Namespace, data: str, run_dir: str) -> float:
     return time.monotonic() - started
 
 
-def check_run_dir_model(args: argparse.Namespace, run_dir: str) -> None:
-    """Reject a run directory whose checkpoints belong to another model.
+def _parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Return the shape of every tensor in the state dict of the model `config` builds."""
+    import torch
 
-    The demo resumes from the run's last checkpoint, which only fits the model it was trained
-    with. An earlier demo with other model options would otherwise fail inside DeepSpeed.
+    from ddn_dist.model import build_model
+
+    with torch.device("meta"):  # shapes only, no memory
+        return {name: tuple(value.shape) for name, value in build_model(config).state_dict().items()}
+
+
+def check_run_dir_model(args: argparse.Namespace, run_dir: str) -> None:
+    """Reject a run directory whose checkpoints belong to a model of another shape.
+
+    The demo resumes from the run's last checkpoint, which only loads into a model with the same
+    parameter shapes. An earlier demo with, say, another K would otherwise fail inside DeepSpeed.
+    Options that leave the shapes alone (chain dropout, selection) resume as the trainer allows.
     """
     import yaml
 
@@ -98,30 +109,23 @@ def check_run_dir_model(args: argparse.Namespace, run_dir: str) -> None:
         return
     try:
         with open(saved_path) as f:
-            saved = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as error:
-        log.warning("failed to parse %s (%s); the trainer checks the checkpoint instead",
-                    saved_path, error)
-        return
-    saved = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(saved, dict):
-        log.warning("%s has no model section; the trainer checks the checkpoint instead", saved_path)
+            document = yaml.safe_load(f)
+        previous = ModelConfig.from_dict(document["model"])
+    except (OSError, yaml.YAMLError, TypeError, KeyError, ValueError) as error:
+        log.warning("failed to read the model section of %s (%s: %s); the trainer checks the "
+                    "checkpoint instead", saved_path, type(error).__name__, error)
         return
     model_overrides = [item for item in args.overrides if item.startswith("model.")]
-    requested = model_config(load_config(args.config, model_overrides)).to_dict()
-    try:
-        previous = ModelConfig.from_dict(saved).to_dict()  # fills the defaults the file left out
-    except ValueError:
-        previous = saved
-    changed = sorted(key for key in set(requested) | set(previous)
-                     if requested.get(key) != previous.get(key))
-    if changed:
-        details = ", ".join(f"model.{key} {previous.get(key)!r} -> {requested.get(key)!r}"
-                            for key in changed)
-        raise SystemExit(
-            f"{run_dir} contains checkpoints of another model ({details}), which cannot be "
-            f"resumed with this one. Delete {run_dir} or pass another --out folder"
-        )
+    requested = model_config(load_config(args.config, model_overrides))
+    if _parameter_shapes(previous) == _parameter_shapes(requested):
+        return
+    old, new = previous.to_dict(), requested.to_dict()
+    details = ", ".join(f"model.{key} {old[key]!r} -> {new[key]!r}" for key in sorted(old)
+                        if old[key] != new[key])
+    raise SystemExit(
+        f"{run_dir} contains checkpoints of a model of another shape ({details}), which cannot "
+        f"be resumed with this one. Delete {run_dir} or pass another --out folder"
+    )
 
 
 def last_stats(run_dir: str) -> dict:
